@@ -40,7 +40,8 @@ class Preset:
 
 
 def _preset(name: str, description: str, encoder: dict[str, Any], quantizer: dict[str, Any]) -> Preset:
-    return Preset(name, description, {"architecture": "conv2d", "name": name, "encoder": encoder, "quantizer": quantizer})
+    config = {"architecture": "conv2d", "name": name, "encoder": encoder, "quantizer": quantizer}
+    return Preset(name, description, config)
 
 
 PRESETS: dict[str, Preset] = {

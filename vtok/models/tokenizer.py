@@ -105,7 +105,7 @@ class Tokenizer(nn.Module):
         if quantizer is None:
             raise ConfigError("a tokenizer config needs a 'quantizer' section")
         enc_cfg = ConvConfig.from_dict(dict(encoder or {}))
-        dec_cfg = ConvConfig.from_dict(dict(decoder)) if decoder is not None else ConvConfig.from_dict(enc_cfg.to_dict())
+        dec_cfg = ConvConfig.from_dict(dict(decoder) if decoder is not None else enc_cfg.to_dict())
         if enc_cfg.downsample != dec_cfg.downsample:
             raise ConfigError(f"encoder f={enc_cfg.downsample} but decoder f={dec_cfg.downsample}")
         self.name = name
@@ -181,8 +181,12 @@ class Tokenizer(nn.Module):
         assert q.indices is not None
         return TokenBatch(ids=q.indices.long(), latents=None, grid=grid, size=size, model=self.name)
 
+    @torch.no_grad()
     def encode(self, images: Tensor) -> TokenBatch:
-        """Images ``(B, C, H, W)`` in [0, 1] → tokens on a ``ceil(H/f) × ceil(W/f)`` grid."""
+        """Images ``(B, C, H, W)`` in [0, 1] → tokens on a ``ceil(H/f) × ceil(W/f)`` grid.
+
+        Inference only (no autograd graph); training goes through :meth:`forward`.
+        """
         q, size = self._quantize(images)
         return self._tokens(q, size)
 
@@ -206,15 +210,21 @@ class Tokenizer(nn.Module):
         with torch.autocast(device_type=ids.device.type, enabled=False):
             return self.quantizer.indices_to_codes(ids.long()).to(self._dtype())
 
+    def _decode_codes(self, codes: Tensor) -> Tensor:
+        # one memory layout on both paths: conv kernels round differently for channels-last inputs,
+        # which would make decode(encode(x)) drift from forward(x)
+        return self.decoder(self.post_quant_conv(codes.contiguous()))
+
     def _check_grid(self, tokens: TokenBatch) -> None:
         expected = self.info.grid_for(tokens.size)
         if tokens.grid != expected:
             raise InputError(f"token grid {tokens.grid} does not fit size {tokens.size} (expected {expected})")
 
+    @torch.no_grad()
     def decode(self, tokens: TokenBatch) -> Tensor:
-        """Tokens → images ``(B, C, H, W)`` in [0, 1] at the size the tokens were encoded from."""
+        """Tokens → images ``(B, C, H, W)`` in [0, 1] at the size the tokens were encoded from (no autograd)."""
         self._check_grid(tokens)
-        x = self.decoder(self.post_quant_conv(self._codes(tokens)))
+        x = self._decode_codes(self._codes(tokens))
         h, w = tokens.size
         return ((x[..., :h, :w].float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
@@ -224,12 +234,11 @@ class Tokenizer(nn.Module):
         The reconstruction is in image range ([0, 1] scale) but not clamped, so losses see gradients.
         """
         q, size = self._quantize(images)
-        x = self.decoder(self.post_quant_conv(q.quantized.to(self._dtype())))
+        x = self._decode_codes(q.quantized.to(self._dtype()))
         h, w = size
         recon = (x[..., :h, :w] + 1.0) / 2.0
         return TokenizerOutput(reconstruction=recon, quantizer=q, tokens=self._tokens(q, size))
 
-    @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         """``decode(encode(images))`` without gradients, clamped to [0, 1]."""
         return self.decode(self.encode(images))
