@@ -58,6 +58,20 @@ def test_chunked_equals_unchunked(chunk_size: int) -> None:
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
+def test_chunked_equals_single_block_at_18_bits() -> None:
+    torch.manual_seed(10)
+    z0 = torch.randn(256, 18, dtype=torch.float64) * 0.02  # soft enough that many of the 2^18 codes carry mass
+    results = []
+    for chunk in (2**18, 2**12):  # one block of 512 × 512 vs 64 blocks of 8 × 512
+        z = z0.clone().requires_grad_(True)
+        s, b = binary_entropies(z, 1.0, 0.01, "exact", chunk)
+        (s - b).backward()
+        results.append((b.detach(), z.grad))
+    assert float(results[0][0]) > 5.0
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk_size", [2**8, 16])
 @pytest.mark.parametrize("temperature", [0.05, 0.5, 2.0])
 def test_exact_entropy_gradients_match_brute_force_k8(temperature: float, chunk_size: int) -> None:

@@ -219,3 +219,28 @@ def test_create_merges_nested_overrides() -> None:
     assert tok.quantizer.codebook_size == 32
     assert tok.quantizer.get_config()["codebook_dim"] == 8
     assert tok.encoder.cfg.channel_mult == (1, 2, 2, 4)
+
+
+def test_create_with_seed_is_reproducible_and_leaves_global_rng_alone() -> None:
+    shrink = {"encoder": {"channels": 8, "num_res_blocks": 0}}
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = vtok.create("fsq-f8-64k", seed=7, **shrink)
+    assert torch.equal(torch.rand(1), before)
+    b = vtok.create("fsq-f8-64k", seed=7, **shrink)
+    c = vtok.create("fsq-f8-64k", seed=8, **shrink)
+    assert torch.equal(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
+    assert not torch.equal(a.encoder.conv_in.weight, c.encoder.conv_in.weight)
+
+
+def test_codebook_stats_match_hand_computed_values() -> None:
+    from vtok.quantizers.base import codebook_stats
+
+    ids = torch.tensor([[0, 0, 1, 3]])  # p = (1/2, 1/4, 1/4) over 3 of 8 codes
+    stats = codebook_stats(ids, codebook_size=8)
+    assert stats["usage"].item() == pytest.approx(3 / 8)
+    assert stats["perplexity"].item() == pytest.approx(2 ** 1.5)
+    two = codebook_stats(torch.tensor([[[0, 5], [1, 5]]]), codebook_size=2**40, num_codebooks=2)
+    assert two["usage"].item() == pytest.approx((2 + 1) / 2 / 2**40)
+    assert two["perplexity"].item() == pytest.approx((2 + 1) / 2)

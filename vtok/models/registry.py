@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vtok.errors import ConfigError
@@ -123,14 +124,20 @@ def _unknown(name: str) -> ConfigError:
     return ConfigError(f"no model named {name!r}{hint} (`vtok models` lists all {len(known)})")
 
 
-def create(name: str, **overrides: Any) -> nn.Module:
+def create(name: str, seed: int | None = None, **overrides: Any) -> nn.Module:
     """A randomly initialised model from preset ``name``; nested ``overrides`` are merged into its config.
 
+    ``seed`` makes the initialisation reproducible without touching the global RNG state.
     Example: ``vtok.create("vq-f8-16k", quantizer={"codebook_size": 4096})``.
     """
     if name not in PRESETS:
         raise _unknown(name)
-    return model_from_config(_merge(PRESETS[name].config, overrides))
+    config = _merge(PRESETS[name].config, overrides)
+    if seed is None:
+        return model_from_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_from_config(config)
 
 
 def load(name_or_path: str | Path, map_location: str = "cpu") -> nn.Module:
@@ -160,5 +167,5 @@ def resolve_model(name_or_path: str | Path, map_location: str = "cpu") -> tuple[
     """
     name = str(name_or_path)
     if not Path(name).is_dir() and name in PRESETS and name not in pretrained_names():
-        return create(name).to(map_location).eval(), False
+        return create(name, seed=0).to(map_location).eval(), False
     return load(name_or_path, map_location), True

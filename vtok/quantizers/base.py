@@ -185,8 +185,8 @@ def from_rows(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
 def codebook_stats(indices: Tensor, codebook_size: int, num_codebooks: int = 1) -> dict[str, Tensor]:
     """Batch usage (fraction of codes hit) and perplexity (exp of the id histogram's entropy).
 
-    With a trailing codebook axis (``num_codebooks > 1``) both are averaged over codebooks.
-    Memory is O(codebook_size): a histogram, never a one-hot matrix.
+    With a trailing codebook axis (``num_codebooks > 1``) both are averaged over codebooks. Only the ids
+    that occur are counted, so memory follows the batch, not the codebook (2^18 codes or 2^32 alike).
     """
     idx = indices.reshape(-1, num_codebooks)
     if idx.numel() == 0:
@@ -194,9 +194,8 @@ def codebook_stats(indices: Tensor, codebook_size: int, num_codebooks: int = 1) 
         return {"usage": zero, "perplexity": zero}
     usages, perplexities = [], []
     for q in range(idx.shape[1]):
-        counts = torch.bincount(idx[:, q].long(), minlength=codebook_size).float()
+        counts = torch.unique(idx[:, q], return_counts=True)[1].float()
         p = counts / counts.sum()
-        entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        usages.append((counts > 0).float().mean())
-        perplexities.append(entropy.exp())
+        usages.append(torch.tensor(counts.numel() / codebook_size, device=indices.device))
+        perplexities.append((-(p * p.log()).sum()).exp())
     return {"usage": torch.stack(usages).mean(), "perplexity": torch.stack(perplexities).mean()}
