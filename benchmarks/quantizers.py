@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, max_rss_bytes
+from common import machine, peak_rss_bytes, reset_peak_rss
 
 TOKENS = 2048
 
@@ -58,7 +58,7 @@ def run_one(case: str, impl: str, repeats: int) -> dict[str, float]:
     _, dim, vtok_config, make_peer = CASES[case]
     torch.manual_seed(0)
     z = torch.randn(1, TOKENS, dim)
-    base_rss = max_rss_bytes()
+    base_rss = reset_peak_rss()
     if impl == "vtok":
         from vtok.quantizers import build_quantizer
 
@@ -76,8 +76,9 @@ def run_one(case: str, impl: str, repeats: int) -> dict[str, float]:
 
         def step() -> None:
             inp = z.detach().requires_grad_(True)
-            quantized, _, aux = module(inp)
-            (quantized.square().mean() + aux.sum()).backward()
+            out = module(inp)  # (quantized, indices[, aux loss]); FSQ has no aux loss
+            aux = out[2].sum() if len(out) > 2 else 0.0
+            (out[0].square().mean() + aux).backward()
 
     start = time.perf_counter()
     step()  # warm-up (allocations, k-means-free first pass)
@@ -88,7 +89,7 @@ def run_one(case: str, impl: str, repeats: int) -> dict[str, float]:
         step()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"seconds": times[len(times) // 2], "peak_bytes": max_rss_bytes() - base_rss}
+    return {"seconds": times[len(times) // 2], "peak_bytes": peak_rss_bytes() - base_rss}
 
 
 def main() -> None:
@@ -110,7 +111,8 @@ def main() -> None:
             print("# vector-quantize-pytorch not installed (pip install -e '.[dev]'): timing vtok only")
             impls = [i for i in impls if i != "peer"]
     print(f"# {datetime.date.today()} | {machine()}")
-    print(f"# forward+backward on {TOKENS} tokens; median of {args.repeats} after warm-up; peak = max RSS growth")
+    print(f"# forward+backward on {TOKENS} tokens; median of {args.repeats} after warm-up; peak = RSS high-water "
+          "mark above the RSS before the quantizer was built (codebook, gradients and temporaries)")
     print(f"{'case':38s} {'impl':5s} {'s/step':>9s} {'peak MB':>9s}")
     results: dict[str, dict[str, dict[str, float]]] = {}
     for case in args.cases.split(","):

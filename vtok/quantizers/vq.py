@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from vtok.dist import all_reduce_sum_, broadcast_, is_distributed, rank
 from vtok.errors import ConfigError
 from vtok.quantizers.base import Quantizer, QuantizerOutput, codebook_stats, from_rows, to_rows
-from vtok.quantizers.search import nearest_code
+from vtok.quantizers.search import DEFAULT_CHUNK_SIZE, nearest_code
 
 
 def rotate_to_code(e: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
@@ -54,7 +54,11 @@ def rotate_to_code(e: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
 
 @torch.no_grad()
 def kmeans(
-    rows: Tensor, num_clusters: int, iters: int = 10, distance: str = "euclidean", chunk_size: int = 16384
+    rows: Tensor,
+    num_clusters: int,
+    iters: int = 10,
+    distance: str = "euclidean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """Lloyd's k-means on ``rows (N, D)``: ``(num_clusters, D)`` centres.
 
@@ -118,7 +122,7 @@ class VectorQuantizer(Quantizer):
         kmeans_iters: int = 10,
         dead_code_steps: int = 0,
         rotation_trick: bool = False,
-        chunk_size: int = 16384,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
         if dim < 1 or codebook_size < 1:
