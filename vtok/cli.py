@@ -29,9 +29,9 @@ from vtok.data.images import (
     load_image,
     sample_name,
     save_image,
-    to_uint8,
 )
 from vtok.errors import ConfigError, InputError, VtokError
+from vtok.metrics import psnr
 from vtok.tokenfile import config_hash, load_tokens, save_tokens
 
 EXIT_OK = 0
@@ -244,11 +244,8 @@ def cmd_decode(args: argparse.Namespace, console: Console) -> int:
 
 # --- reconstruct ---------------------------------------------------------------------------------
 def psnr_8bit(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """PSNR in dB of the 8-bit quantised images (what the PNGs hold), data range 1; inf when equal."""
-    a = to_uint8(original).float() / 255.0
-    b = to_uint8(reconstruction).float() / 255.0
-    mse = float((a - b).square().mean())
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+    """PSNR in dB of one ``(C, H, W)`` pair on 8-bit values, data range 1 (:func:`vtok.metrics.psnr`)."""
+    return float(psnr(reconstruction[None], original[None])[0])
 
 
 def cmd_reconstruct(args: argparse.Namespace, console: Console) -> int:
@@ -288,8 +285,7 @@ def cmd_reconstruct(args: argparse.Namespace, console: Console) -> int:
             f"tokens: {grid} grid ({positions} positions{per}), {info.bits_per_token:.4g} bits/token, "
             f"{info.bits_per_pixel((int(h), int(w))):.4g} bits/pixel"
         )
-    psnr = psnr_8bit(image, recon)
-    console.out(f"PSNR:   {psnr:.2f} dB (8-bit RGB, data range 1)")
+    console.out(f"PSNR:   {psnr_8bit(image, recon):.2f} dB (8-bit RGB, data range 1)")
     if output is not None:
         side = torch.cat([image, recon], dim=-1)
         _written(output, lambda: save_image(side, output))
@@ -499,8 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(quiet=getattr(args, "quiet", False))
     try:
         return int(args.func(args, console))
-    except KeyboardInterrupt:
-        print("\nvtok: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nvtok: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except VtokError as e:
         print(f"vtok: error: {_one_line(e)}", file=sys.stderr)

@@ -167,6 +167,17 @@ def build_quantizer(config: dict[str, Any]) -> Quantizer:
 
 
 # --- shared helpers ------------------------------------------------------------------------------
+def check_composable(base: Quantizer, owner: str) -> None:
+    """Residual and grouped stacks need a discrete base with one index per position."""
+    if base.continuous:
+        raise ConfigError(f"{owner}: base quantizer {base.type_name!r} is continuous; use a discrete one")
+    if base.num_codebooks != 1:
+        raise ConfigError(
+            f"{owner}: base quantizer {base.type_name!r} has {base.num_codebooks} index slots; "
+            "use a base with one index per position"
+        )
+
+
 def to_rows(z: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``(B, C, *S)`` -> ``(B*prod(S), C)`` rows plus the ``(B, *S)`` shape to restore them."""
     if z.dim() < 2:

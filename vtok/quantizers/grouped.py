@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vtok.errors import ConfigError
-from vtok.quantizers.base import Quantizer, QuantizerOutput, build_quantizer, codebook_stats
+from vtok.quantizers.base import Quantizer, QuantizerOutput, build_quantizer, check_composable, codebook_stats
 
 
 class GroupedQuantizer(Quantizer):
@@ -36,13 +36,7 @@ class GroupedQuantizer(Quantizer):
             raise ConfigError(f"grouped: groups must be >= 1, got {groups}")
         members = [build_quantizer(quantizer) for _ in range(1 if shared_codebook else groups)]
         base = members[0]
-        if base.continuous:
-            raise ConfigError(f"grouped: base quantizer {base.type_name!r} is continuous; use a discrete one")
-        if base.num_codebooks != 1:
-            raise ConfigError(
-                f"grouped: base quantizer {base.type_name!r} has {base.num_codebooks} index slots; "
-                "use a base with one index per position"
-            )
+        check_composable(base, "grouped")
         self.members = nn.ModuleList(members)
         self.groups = groups
         self.shared_codebook = shared_codebook

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vtok.errors import ConfigError
-from vtok.quantizers.base import Quantizer, QuantizerOutput, build_quantizer, codebook_stats
+from vtok.quantizers.base import Quantizer, QuantizerOutput, build_quantizer, check_composable, codebook_stats
 
 
 class ResidualQuantizer(Quantizer):
@@ -54,17 +54,11 @@ class ResidualQuantizer(Quantizer):
             )
         levels = [build_quantizer(quantizer) for _ in range(1 if shared_codebook else num_quantizers)]
         base = levels[0]
-        if base.continuous:
-            raise ConfigError(f"residual: base quantizer {base.type_name!r} is continuous; use a discrete one")
+        check_composable(base, "residual")
         if base.in_channels != base.out_channels:
             raise ConfigError(
                 f"residual: base quantizer {base.type_name!r} maps {base.in_channels} -> {base.out_channels} "
                 "channels, but residuals need in_channels == out_channels"
-            )
-        if base.num_codebooks != 1:
-            raise ConfigError(
-                f"residual: base quantizer {base.type_name!r} has {base.num_codebooks} index slots; "
-                "use a base with one index per position"
             )
         self.levels = nn.ModuleList(levels)
         self.num_quantizers = num_quantizers
