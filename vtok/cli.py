@@ -418,6 +418,24 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+# --- train ---------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    """Train a tokenizer from a preset or YAML file plus dotted overrides; resumable."""
+    from vtok.train.config import load_config
+    from vtok.train.loop import train
+
+    if args.preset is None and args.config is None:
+        from vtok.train.config import list_presets
+
+        raise ConfigError(f"pass --preset NAME or --config FILE; presets: {', '.join(list_presets())}")
+    cfg = load_config(preset=args.preset, file=args.config, overrides=args.overrides)
+    if args.quiet:
+        cfg.trainer.progress = False
+    result = train(cfg, resume=args.resume)
+    console.out(f"exported model: {result.export}")
+    return EXIT_OK
+
+
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for ``vtok`` and its subcommands."""
@@ -477,6 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"use a bundled sample image instead of IMAGE: {', '.join(SAMPLES)}")
     p.add_argument("-o", "--output", default=None, metavar="PNG", help="write original | reconstruction here")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "train", parents=[common], help="train a tokenizer (resumable; torchrun for several processes)",
+        description="Train a tokenizer. Settings come from a shipped preset (--preset) or a YAML file (--config), "
+                    "then dotted overrides such as data.train=DIR trainer.steps=2000. The run folder receives "
+                    "config.yaml, metrics.jsonl, TensorBoard events, validation grids, checkpoints and the exported "
+                    "EMA model. Ctrl-C or SIGTERM saves a checkpoint; running the same command again continues. "
+                    "For N processes: torchrun --nproc_per_node=N -m vtok train ...",
+        epilog=_EXIT_CODES,
+    )
+    p.add_argument("--preset", default=None, help="shipped training preset (see vtok/train/presets)")
+    p.add_argument("--config", default=None, metavar="YAML", help="YAML file with the same layout as a preset")
+    p.add_argument("--resume", default="auto", metavar="auto|never|CKPT",
+                   help="auto: continue from the run folder's newest checkpoint (default); never: refuse a folder "
+                        "with checkpoints; or a checkpoint file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=2e-4")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", parents=[common], help="list presets and pretrained models",
                        description="List model presets and shipped pretrained models.")

@@ -1,4 +1,4 @@
-"""Data in and out of vtok: image files (and, later, folders, shards and built-in datasets)."""
+"""Data in and out of vtok: image files, and training data from folders, tar shards and built-in photos."""
 
 from vtok.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -9,13 +9,18 @@ from vtok.data.images import (
     sample_path,
     save_image,
 )
+from vtok.data.loader import DataConfig, DataStats, train_batches, validation_images
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "SAMPLES",
+    "DataConfig",
+    "DataStats",
     "expand_inputs",
     "load_image",
     "sample_path",
     "save_image",
+    "train_batches",
+    "validation_images",
 ]

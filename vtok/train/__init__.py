@@ -1,0 +1,1 @@
+"""Training: config and presets, the loop, checkpoints and resume, distributed setup."""
