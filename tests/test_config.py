@@ -49,7 +49,7 @@ def test_overrides_apply_with_types() -> None:
         ("trainer.steps=2.5", "trainer.steps must be an int"),
         ("data.hflip=3", "data.hflip must be true or false"),
         ("optim.lr=fast", "optim.lr must be a number"),
-        ("data.crop=zoom", "data.crop must be one of random_resized, random, center"),
+        ("data.crop=zoom", "data.crop: 'zoom' is not one of random_resized, random, center"),
         ("trainer.steps=0", "trainer.steps must be >= 1"),
         ("trainer.ema_decay=1.5", "trainer.ema_decay must be in"),
         ("optim.betas=[0.9]", "optim.betas must be two numbers"),

@@ -48,9 +48,9 @@ MapSource = ImageFolder | BuiltinPhotos
 
 
 # --- configuration -------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass
 class DataConfig:
-    """The ``data:`` section of the training config (defaults as in the schema)."""
+    """The ``data:`` section of the training config: the one schema for it (vtok.train.config uses it)."""
 
     train: str = "builtin:photos"
     val: str | None = "builtin:photos-val"

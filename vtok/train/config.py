@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from vtok.atomic import atomic_write_text
+from vtok.data.loader import DataConfig
 from vtok.errors import ConfigError
 from vtok.models.registry import PRESETS, _merge, model_from_config
 
@@ -31,24 +32,6 @@ class ModelSection:
 
     preset: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataSection:
-    """Where images come from and how they are cropped (see :mod:`vtok.data.loader`)."""
-
-    train: str = "builtin:photos"
-    val: str | None = "builtin:photos-val"
-    size: int = 64
-    crop: str = "random_resized"
-    min_scale: float = 0.35
-    max_scale: float = 1.0
-    hflip: bool = True
-    batch_size: int = 16
-    workers: int = 0
-    val_images: int = 32
-    val_size: int = 64
-    min_size: int = 16
 
 
 @dataclass
@@ -121,7 +104,7 @@ class TrainConfig:
     run_dir: str = "runs/{preset}"
     preset: str | None = None  # which training preset this came from (informational, fills {preset})
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossSection = field(default_factory=LossSection)
     gan: GANSection = field(default_factory=GANSection)
@@ -129,16 +112,12 @@ class TrainConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.crop": ("random_resized", "random", "center"),
     "loss.perceptual_net": ("vgg", "alex"),
     "gan.loss": ("hinge", "non_saturating"),
     "trainer.amp": ("auto", "bf16", "off"),
 }
 # key -> (low, high, inclusive high); None bounds are open
 RANGES: dict[str, tuple[float | None, float | None]] = {
-    "data.size": (8, None), "data.batch_size": (1, None), "data.workers": (0, None),
-    "data.val_images": (1, None), "data.val_size": (8, None), "data.min_size": (1, None),
-    "data.min_scale": (0.0, 1.0), "data.max_scale": (0.0, 1.0),
     "optim.lr": (0.0, None), "optim.weight_decay": (0.0, None), "optim.warmup_steps": (0, None),
     "optim.min_lr_ratio": (0.0, 1.0), "optim.grad_clip": (0.0, None), "optim.accumulate": (1, None),
     "loss.l1": (0.0, None), "loss.l2": (0.0, None), "loss.perceptual": (0.0, None), "loss.gram": (0.0, None),
@@ -260,8 +239,7 @@ def _check(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be {bounds}, got {value}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.data.min_scale > cfg.data.max_scale:
-        raise ConfigError(f"data.min_scale ({cfg.data.min_scale}) exceeds data.max_scale ({cfg.data.max_scale})")
+    dataclasses.replace(cfg.data)  # re-runs the data section's own checks after the overrides
     if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown model preset {cfg.model.preset!r}"
                           f"{_hint(cfg.model.preset, list(PRESETS))}")
