@@ -244,3 +244,9 @@ def test_codebook_stats_match_hand_computed_values() -> None:
     two = codebook_stats(torch.tensor([[[0, 5], [1, 5]]]), codebook_size=2**40, num_codebooks=2)
     assert two["usage"].item() == pytest.approx((2 + 1) / 2 / 2**40)
     assert two["perplexity"].item() == pytest.approx((2 + 1) / 2)
+
+
+def test_overriding_the_quantizer_type_replaces_its_options() -> None:
+    tok = vtok.create("vq-f8-16k", encoder={"channels": 8, "num_res_blocks": 0},
+                      quantizer={"type": "fsq", "levels": [5, 5]})
+    assert tok.quantizer.get_config() == {"type": "fsq", "levels": [5, 5], "dim": None}

@@ -101,12 +101,14 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a sub-config whose ``type`` changes replaces the old one instead of merging into it
+    (``quantizer: {type: fsq, levels: [...]}`` over a VQ preset must drop the VQ-only options)."""
     out = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+        old = out.get(key)
+        nested = isinstance(value, dict) and isinstance(old, dict)
+        same_kind = nested and value.get("type", old.get("type")) == old.get("type")
+        out[key] = _merge(old, value) if same_kind else copy.deepcopy(value)
     return out
 
 
