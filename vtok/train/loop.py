@@ -251,6 +251,7 @@ def train(cfg: TrainConfig, resume: str = "auto") -> TrainResult:
     images_per_step = cfg.data.batch_size * accumulate * dist.world_size
     window: dict[str, float] = defaultdict(float)
     window_steps, window_start = 0, time.perf_counter()
+    run_start = window_start  # wall time of this process, logged with validations (PSNR-vs-time curves)
     step = start_step
 
     with StopRequest() as stop:
@@ -365,6 +366,7 @@ def train(cfg: TrainConfig, resume: str = "auto") -> TrainResult:
                 window_steps, window_start = 0, time.perf_counter()
             if val_images is not None and (done % cfg.trainer.val_every == 0 or done == cfg.trainer.steps):
                 values = validate(ema or raw_model, val_images, device, run_dir / "val" / f"step-{done:08d}.png")
+                values["train_seconds"] = time.perf_counter() - run_start
                 raw_model.train()
                 if usage is not None:
                     values["val/usage_window"], values["val/dead_codes"] = usage.usage()
